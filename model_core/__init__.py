@@ -1,0 +1,16 @@
+"""model_core: the one pure-PyTorch document encoder shared by training, tuning and batch embedding.
+
+Never imports ray (tests/model_core/test_no_ray.py enforces it). See docs/DESIGN.md for how the pieces fit.
+"""
+from model_core.artifact import ArtifactError, is_artifact, load_artifact, save_artifact
+from model_core.config import ConfigError, ModelConfig
+from model_core.encoder import Encoder
+from model_core.model import TextModel, build_model, unwrap
+from model_core.pooling import POOL_FUNCTIONS, Pooler
+from model_core.tokenization import TextCollator, TokenizedDocs, is_empty, token_budget_batches
+
+__all__ = [
+    "ArtifactError", "ConfigError", "Encoder", "ModelConfig", "POOL_FUNCTIONS", "Pooler", "TextCollator",
+    "TextModel", "TokenizedDocs", "build_model", "is_artifact", "is_empty", "load_artifact", "save_artifact",
+    "token_budget_batches", "unwrap",
+]
