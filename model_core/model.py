@@ -33,20 +33,21 @@ class TextModel(nn.Module):
             pooled = self.dense(pooled.to(self.dense.linear.weight.dtype)).float()
         return l2_normalize(pooled) if self.config.normalize else pooled
 
-    def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        """Task output for one batch of texts: logits (B, C), a value (B,) for regression, or embeddings (B, D)."""
+    def forward(self, batch: dict[str, Tensor], other: dict[str, Tensor] | None = None) -> Tensor:
+        """Task output: logits (B, C), a value (B,) for regression, or embeddings (B, D) without a task head.
+
+        A pair_classification model takes the pair's second side as `other`; going through forward (not a separate
+        method) keeps DDP's gradient hooks in play.
+        """
         if self.config.head == "pair_classification":
-            raise TypeError("a pair_classification model takes two batches: call forward_pair(a, b)")
+            if other is None:
+                raise TypeError("a pair_classification model takes two batches: model(batch_a, batch_b)")
+            return self.head(self.embed(batch), self.embed(other))
         z = self.embed(batch)
         if self.head is None:
             return z
         out = self.head(z.to(self.head.linear.weight.dtype))
         return out.squeeze(-1) if self.config.head == "regression" else out
-
-    def forward_pair(self, a: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:
-        if self.config.head != "pair_classification":
-            raise TypeError(f"forward_pair needs head='pair_classification', this model has head={self.config.head!r}")
-        return self.head(self.embed(a), self.embed(b))
 
 
 def build_model(cfg: ModelConfig, encoder: Encoder | None = None, trust_remote_code: bool = False) -> TextModel:
