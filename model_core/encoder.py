@@ -53,6 +53,7 @@ class Encoder(nn.Module):
         try:
             hf_model, info = model_class.from_pretrained(
                 path, config=hf_config, use_safetensors=True, dtype=torch.float32, output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported by name below instead of HF's generic RuntimeError
                 trust_remote_code=trust_remote_code, **_build_kwargs(model_class))
         finally:
             hf_logging.set_verbosity(previous)

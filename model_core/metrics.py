@@ -21,7 +21,7 @@ RECALL_AT = (1, 5, 10)
 
 
 def _ratio(num: Tensor, den: Tensor) -> Tensor:
-    return torch.where(den > 0, num / den.clamp(min=1), torch.zeros_like(num))
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
 def scores_from_confusion(cm: Tensor) -> dict[str, float]:

@@ -36,7 +36,6 @@ def tiny_hf_config(arch: str):
         "longformer": dict(attention_window=[8, 8]),
         "big_bird": dict(attention_type="block_sparse", block_size=8, num_random_blocks=1),
         "distilbert": dict(dim=32, n_layers=2, n_heads=2, hidden_dim=64),
-        "mpnet": dict(relative_attention_num_buckets=8),
     }.get(arch, {})
     return AutoConfig.for_model(arch, **common, **extra)
 
