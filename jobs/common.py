@@ -87,10 +87,13 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def init_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+def init_ray(num_cpus: int | None = None, num_gpus: int | None = None,
+             include_dashboard: bool | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS (as under `ray job submit`) or start a local Ray in this process.
 
-    Resource counts only apply to a cluster started here; an already-initialised Ray is left as it is.
+    Resource counts and `include_dashboard` (None: Ray's default, on when installed; the dashboard's processes
+    cost seconds of start-up on a 2-core machine) only apply to a cluster started here; an already-initialised Ray
+    is left as it is.
     """
     import ray
 
@@ -98,4 +101,5 @@ def init_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
         return
     local = not os.environ.get("RAY_ADDRESS")
     ray.init(num_cpus=num_cpus if local else None, num_gpus=num_gpus if local else None,
-             runtime_env={"env_vars": worker_env()}, log_to_driver=True)
+             runtime_env={"env_vars": worker_env()}, log_to_driver=True,
+             **({"include_dashboard": include_dashboard} if local else {}))

@@ -1,9 +1,10 @@
 """jobs.embed end to end through the real Ray Data pipeline on the shared test cluster.
 
-What the runs prove: every input row is in the output exactly once (empty, 1M-character and binary rows included)
-and DuckDB reads it without Ray; embeddings equal model_core's and sentence-transformers' for the real MiniLM;
-chunked long documents equal the token-weighted mean of their windows; a run failed halfway resumes computing only
-the rest; an actor killed mid-run is replaced and nothing is lost or duplicated; `ray job submit` runs the job.
+What the runs prove: every input row is in the output exactly once (empty, 1M-character and binary rows included),
+also when tokenising runs in separate tasks as on GPUs, and DuckDB reads it without Ray; embeddings equal
+model_core's and sentence-transformers' for the real MiniLM; chunked long documents equal the token-weighted mean of
+their windows; a run failed halfway resumes computing only the rest; an actor killed mid-run is replaced and nothing
+is lost or duplicated; `ray job submit` runs the job.
 
     python -m pytest tests/jobs/test_embed.py -v
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +103,20 @@ def test_pieces_are_named_by_the_input_rows_they_hold(hostile_run):
     assert second["doc_id"].to_pylist() == expected.to_pylist()                 # input order within a piece
 
 
+def test_tokenising_in_separate_tasks_gives_the_same_output(hostile_run, tiny_encoder_dirs, tmp_path):
+    """The GPU layout (tokenise in CPU tasks, token ids cross processes, int batch_size) run on CPU."""
+    source, out, _ = hostile_run
+    summary = embed(source, tmp_path / "out", str(tiny_encoder_dirs["bert"]), rows_per_file=30,
+                    carry_columns=["label"], tokenize_tasks=True)
+    fused, separate = pq.read_table(out), pq.read_table(tmp_path / "out")
+    assert separate["doc_id"].to_pylist() == fused["doc_id"].to_pylist() and summary["rows_out"] == 120
+    for column in ("n_tokens", "truncated", "label"):
+        assert separate[column].equals(fused[column])
+    a, b = (np.stack([e if e is not None else np.zeros(32) for e in t["embedding"].to_pylist()])
+            for t in (fused, separate))
+    assert np.abs(a - b).max() < 1e-5 and separate["embedding"].null_count == len(EMPTY_TEXTS)
+
+
 def test_duckdb_reads_the_output_without_ray(hostile_run):
     _, out, _ = hostile_run
     script = f"""
@@ -132,8 +148,11 @@ def test_embeddings_equal_model_core_and_sentence_transformers(ray_cluster, mini
     got = np.stack(result["embedding"].to_numpy(zero_copy_only=False))
     texts = corpus["text"].to_pylist()
     model, collator = load_model(MINILM_ID)
+    order = np.argsort([len(t) for t in texts])           # similar lengths per batch: less padding, same result
+    expected = np.zeros_like(got)
     with torch.inference_mode():
-        expected = torch.cat([model.eval().embed(collator(texts[i: i + 16])) for i in range(0, 300, 16)]).numpy()
+        for batch in np.array_split(order, 20):
+            expected[batch] = model.eval().embed(collator([texts[i] for i in batch])).numpy()
     st = SentenceTransformer(str(minilm_dir), device="cpu").encode(texts, batch_size=16)
     assert np.abs(got - expected).max() < 1e-5
     assert np.abs(got - st).max() < 1e-5
@@ -144,8 +163,8 @@ def test_embeddings_equal_model_core_and_sentence_transformers(ray_cluster, mini
 def test_chunked_long_documents_pool_their_windows_by_tokens(ray_cluster, tiny_encoder_dirs, tmp_path):
     model_dir = str(tiny_encoder_dirs["bert"])
     corpus = pq.read_table(DATA / "20ng_long_24.parquet")
-    summary = embed(DATA / "20ng_long_24.parquet", tmp_path / "chunk", model_dir, long_docs="chunk",
-                    chunk_overlap=16, normalize=True)
+    summary = run(EmbedConfig(input=f"file://{DATA}/20ng_*.parquet", output=f"file://{tmp_path}/chunk",   # URIs
+                              model=model_dir, long_docs="chunk", chunk_overlap=16, normalize=True, max_actors=1))
     result = pq.read_table(tmp_path / "chunk")
     model, collator = load_model(model_dir)
     docs = collator.tokenize(corpus["text"].to_pylist(), stride=16)
@@ -159,9 +178,7 @@ def test_chunked_long_documents_pool_their_windows_by_tokens(ray_cluster, tiny_e
     assert np.abs(got - expected.numpy()).max() < 1e-5
     assert result["n_tokens"].to_pylist() == tokens.astype(int).tolist()
     assert max(np.bincount(docs.doc_index)) > 50 and not any(result["truncated"].to_pylist())
-    assert summary["rows_truncated"] == 0
-    truncated = embed(DATA / "20ng_long_24.parquet", tmp_path / "truncate", model_dir)
-    assert truncated["rows_truncated"] == int(collator.tokenize(corpus["text"].to_pylist()).truncated.sum()) > 4
+    assert summary["rows_truncated"] == 0 and collator.tokenize(corpus["text"].to_pylist()).truncated.sum() > 4
 
 
 def piece_run_ids(out: Path) -> dict[str, str]:
@@ -188,7 +205,7 @@ def test_rerun_after_a_failure_halfway_computes_only_the_rest(ray_cluster, tiny_
     assert sorted(result["doc_id"].to_pylist()) == sorted(pq.read_table(source)["doc_id"].to_pylist())
     again = embed(source, out, model, rows_per_file=25, on_existing="resume")
     assert again["rows_computed"] == 0 and again["rows_out"] == 200
-    with pytest.raises(EmbedOutputError, match=r"different \['max_length'\]"):
+    with pytest.raises(EmbedOutputError, match=r"different \['max_length', 'model_config'\]"):
         embed(source, out, model, rows_per_file=25, on_existing="resume", max_length=64)
 
 
@@ -196,20 +213,29 @@ def test_actor_killed_mid_run_is_replaced_and_rows_stay_exactly_once(ray_cluster
                                                                        monkeypatch):
     source, out, marker = DATA / "imdb_200.parquet", tmp_path / "out", tmp_path / "killed"
     monkeypatch.setenv(FAULT_ENV, f"kill:2:{marker}")        # SIGKILL the actor after its 2nd piece, once
-    summary = embed(source, out, str(tiny_encoder_dirs["bert"]), rows_per_file=25)
+    summary = embed(source, out, str(tiny_encoder_dirs["bert"]), rows_per_file=25, output_dtype="float16")
     assert marker.exists()
     pids = {json.loads(pq.read_metadata(p).metadata[META_KEY])["pid"] for p in out.glob("part-*")}
     assert len(pids) == 2                                    # the killed actor and its replacement
     result = pq.read_table(out)
     assert sorted(result["doc_id"].to_pylist()) == sorted(pq.read_table(source)["doc_id"].to_pylist())
     assert summary["rows_out"] == summary["rows_computed"] == 200 and summary["files_out"] == 8
+    assert result.schema.field("embedding").type == pa.list_(pa.field("element", pa.float16()), 32)
 
 
 def test_ray_job_submit_runs_the_job_on_the_cluster(ray_cluster, tiny_encoder_dirs, tmp_path):
+    # The job supervisor resolves the driver's RAY_ADDRESS from /tmp/ray/ray_current_cluster, the cluster started
+    # last on this machine: pin it, so that a parallel test session's cluster cannot take the job.
+    gcs = ray_cluster.address_info["gcs_address"]
     command = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address",
-               f"http://{ray_cluster.dashboard_url}", "--working-dir", str(REPO), "--", sys.executable, "-m", "jobs.embed", "--input", "data/bbc_news_150.parquet", "--output", str(tmp_path / "out"),
+               f"http://{ray_cluster.dashboard_url}", "--working-dir", str(REPO), "--", "env", f"RAY_ADDRESS={gcs}",
+               sys.executable, "-m", "jobs.embed", "--input", "data/bbc_news_150.parquet", "--output", str(tmp_path / "out"),
                "--model", str(tiny_encoder_dirs["bert"]), "--max-actors", "1", "--carry-columns", "title,label"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    for _ in range(20):   # the dashboard's job agent registers a few seconds after the cluster starts
+        done = subprocess.run(command, capture_output=True, text=True, timeout=240)
+        if "No available agent to submit job" not in done.stderr:
+            break
+        time.sleep(3)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert '"rows_out": 150' in done.stdout                        # the summary, streamed back from the driver
     result = pq.read_table(tmp_path / "out")

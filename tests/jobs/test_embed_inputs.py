@@ -1,7 +1,8 @@
-"""jobs.embed without Ray: every bad input fails with an error naming the problem, before any heavy work.
+"""jobs.embed's checks: every bad input fails with an error naming the problem, before any heavy work.
 
 "Before heavy work" is checked by the output directory: it is created only after the input and the model have
-passed (a failing case that got as far as the Ray run would have created it).
+passed (a failing case that got as far as the Ray run would have created it). Input errors come before Ray starts;
+the model loads on the driver while Ray starts, so the model tests use the shared cluster (nothing to start).
 
     python -m pytest tests/jobs/test_embed_inputs.py -v
 """
@@ -106,7 +107,7 @@ def test_null_ids(tmp_path):
     fails(config(tmp_path, source), EmbedInputError, "1 null value(s)")
 
 
-def test_unloadable_model(tmp_path):
+def test_unloadable_model(ray_cluster, tmp_path):
     source = write(small_table(), tmp_path / "in.parquet")
     fails(config(tmp_path, source, model=str(tmp_path / "no_model")), EmbedModelError, "cannot load model")
     broken = tmp_path / "broken_model"
@@ -115,7 +116,7 @@ def test_unloadable_model(tmp_path):
     fails(config(tmp_path, source, model=str(broken)), EmbedModelError, str(broken))
 
 
-def test_chunk_overlap_must_fit_the_window(tmp_path, tiny_encoder_dirs):
+def test_chunk_overlap_must_fit_the_window(ray_cluster, tmp_path, tiny_encoder_dirs):
     source = write(small_table(), tmp_path / "in.parquet")
     cfg = config(tmp_path, source, model=str(tiny_encoder_dirs["bert"]), long_docs="chunk", chunk_overlap=500)
     fails(cfg, RunConfigError, "chunk_overlap=500", "max_length 160")
@@ -137,11 +138,16 @@ def test_output_inside_input_directory_is_refused(tmp_path):
         run(cfg)
 
 
-def test_hidden_files_are_skipped_and_files_sorted(tmp_path):
+def test_hidden_files_are_skipped_files_sorted_and_uris_kept(tmp_path):
     for name in ("b.parquet", "a.parquet", "sub/c.parquet", "_tmp/x.parquet", ".hidden.parquet"):
         write(small_table(2), tmp_path / "corpus" / name)
     found = [Path(p).relative_to(tmp_path / "corpus").as_posix() for p in list_input_files(str(tmp_path / "corpus"))]
     assert found == ["a.parquet", "b.parquet", "sub/c.parquet"]
+    uri = f"file://{tmp_path}/corpus"                      # URIs (s3://, gs://) go through the same code
+    assert list_input_files(uri) == [f"{uri}/{name}" for name in found]
+    assert list_input_files(f"{uri}/[ab].parquet") == [f"{uri}/a.parquet", f"{uri}/b.parquet"]
+    plan = inspect_input(f"{uri}/sub/", "text", "doc_id", [])
+    assert [(f.uri, f.name, f.num_rows) for f in plan.files] == [(f"{uri}/sub/c.parquet", "c.parquet", 2)]
 
 
 def test_config_file_then_overrides_then_flags(tmp_path):
