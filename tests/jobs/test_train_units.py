@@ -202,3 +202,51 @@ def test_plot_history_writes_a_png(tmp_path):
               [{"step": 5, "val/loss": 0.3, "val/accuracy": 0.8}]
     plot_history(history, tmp_path / "curves.png", "val/accuracy")
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _trainer(tiny, *overrides):
+    from jobs.train_loop import Trainer
+
+    cfg = load_train_config(None, [f"model.encoder={tiny[0]}", "model.head=classification", "model.num_labels=4",
+                                   "data.train=t.parquet", "data.val=v.parquet", *NO_DROPOUT_OVERRIDES, *overrides])
+    return Trainer(cfg, train_rows=64, rank=0, world=1, device=torch.device("cpu"))
+
+
+NO_DROPOUT_OVERRIDES = ["model.dropout=0.0", "model.encoder_kwargs.hidden_dropout_prob=0.0",
+                        "model.encoder_kwargs.attention_probs_dropout_prob=0.0", "model.max_length=32"]
+AG_ROWS = {"text": np.array(["Stocks rally as oil slips", "Team wins the cup final", "New chip doubles speed",
+                             "Talks resume in the capital"], dtype=object), "label": np.array([2, 1, 3, 0])}
+
+
+def _rows(index) -> dict:
+    return {k: v[index] for k, v in AG_ROWS.items()}
+
+
+def test_accumulated_micro_batches_give_the_big_batch_gradient(tiny):
+    """No Ray: 2 micro-batches of 2 with grad_accum=2 == 1 batch of 4; a short last group == its own mean."""
+    whole = _trainer(tiny)
+    whole.micro_step(whole.collate(_rows(slice(0, 4))), sync=True)
+    accumulated = _trainer(tiny, "grad_accum=2")
+    for part in (slice(0, 2), slice(2, 4)):
+        accumulated.micro_step(accumulated.collate(_rows(part)), sync=False)
+    for (name, a), b in zip(whole.model.named_parameters(), accumulated.model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+    short, plain = _trainer(tiny, "grad_accum=2"), _trainer(tiny)
+    for trainer in (short, plain):
+        trainer.micro_step(trainer.collate(_rows(slice(0, 2))), sync=True)
+        trainer.optimizer_step(micro_batches=1)
+    assert short.grad_norm == pytest.approx(plain.grad_norm, rel=1e-6) and short.state.progress.step == 1
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_steps_update_the_weights(tiny, precision):
+    trainer = _trainer(tiny, f"precision={precision}", "optim.lr=0.01")
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    for _ in range(2):
+        trainer.micro_step(trainer.collate(_rows(slice(0, 4))), sync=True)
+        trainer.optimizer_step(micro_batches=1)
+    after = list(trainer.model.parameters())
+    assert all(torch.isfinite(p).all() for p in after) and any(not torch.equal(a, b) for a, b in zip(before, after))
+    assert trainer.scaler.is_enabled() == (precision == "fp16")
+    if precision == "fp16":
+        assert trainer.scaler.state_dict()["scale"] > 0
