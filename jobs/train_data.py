@@ -209,6 +209,7 @@ def check_teacher(cfg: TrainConfig, embedding_dim: int) -> None:
 def load_teacher(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
     """(ids sorted, (N, D) float32 embeddings in that order), ready for np.searchsorted lookups."""
     table = _open(cfg.data.teacher, "data.teacher").to_table(columns=[_teacher_ids(cfg), cfg.data.teacher_column])
+    table = table.filter(pc.is_valid(table.column(1)))   # jobs.embed gives empty texts a null embedding
     ids = np.asarray(table.column(0).to_pylist()).astype(str)
     vectors = table.column(1).combine_chunks()
     width = len(vectors[0]) if len(vectors) else 0

@@ -13,11 +13,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
+from jobs.embed import run as embed_run
+from jobs.embed_config import EmbedConfig
 from jobs.train import run
 from jobs.train_config import load_train_config
 from jobs.train_loop import load_start_model
@@ -142,17 +143,15 @@ def test_contrastive_with_gradcache_on_two_workers(ray_cluster, tiny_encoder_dir
 
 
 def test_distillation_from_minilm_teacher_embeddings(ray_cluster, tiny_encoder_dirs, tmp_path):
+    """The teacher file is what users have: jobs.embed's output directory for the same rows."""
     rows = pq.read_table(DATA / "ag_news_1k.parquet").slice(0, 96)
-    teacher, collator = load_model("sentence-transformers/all-MiniLM-L6-v2")
-    with torch.inference_mode():
-        vectors = teacher.eval().embed(collator(rows.column("text").to_pylist())).numpy()
-    pq.write_table(pa.table({"doc_id": rows.column("doc_id"),
-                             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), 384)}),
-                   tmp_path / "teacher.parquet")
+    pq.write_table(rows, tmp_path / "corpus.parquet")
+    embed_run(EmbedConfig(input=str(tmp_path / "corpus.parquet"), output=str(tmp_path / "teacher"),
+                          model="sentence-transformers/all-MiniLM-L6-v2"))
     summary, output = train("train_distill.yaml", tmp_path, "distill", f"model.encoder={tiny_encoder_dirs['bert']}",
                             "model.dense_dim=384", f"data.train={ag_news_file(tmp_path, 'train', 0, 64)}",
                             f"data.val={ag_news_file(tmp_path, 'val', 64, 96)}",
-                            f"data.teacher={tmp_path / 'teacher.parquet'}", "batch_size=16", "max_steps=6",
+                            f"data.teacher={tmp_path / 'teacher'}", "batch_size=16", "max_steps=6",
                             "eval_every=3", "log_every=3", "optim.lr=0.001")
     mse = [r["val/mse"] for r in history(output) if "val/mse" in r]
     assert len(mse) == 2 and mse[1] < mse[0]
