@@ -35,7 +35,7 @@ class EmbedConfig:
     long_docs: str = _opt("truncate", "truncate: keep the first max_length tokens and flag the row; chunk: "
                                       "embed overlapping windows and pool them, token-weighted")
     chunk_overlap: int = _opt(32, "tokens shared by consecutive windows in chunk mode")
-    batch_tokens: int = _opt(0, "padded tokens per forward pass; 0 = 4096 on CPU, 65536 on GPU")
+    batch_tokens: int = _opt(0, "padded tokens per forward pass; 0 = 1536 on CPU, 65536 on GPU")
     min_actors: int = _opt(0, "smallest actor pool; 0 = max_actors (a fixed pool)")
     max_actors: int = _opt(0, "largest actor pool; 0 = as many as the cluster's CPUs or GPUs hold")
     cpus_per_actor: float = _opt(0.0, "logical CPUs each actor reserves, also its torch threads on CPU; 0 = "
