@@ -17,7 +17,7 @@ from typing import Any
 
 from jobs.common import init_ray, worker_env
 from jobs.train_config import TrainConfig, check_metric_name, load_train_config
-from jobs.train_data import DataPlan, build_datasets, check_inputs
+from jobs.train_data import DataPlan, build_datasets, check_inputs, resolve_path
 from jobs.train_export import export_run
 from jobs.train_loop import load_start_model, train_worker
 from model_core.tasks import TASKS
@@ -42,7 +42,7 @@ def build_trainer(cfg: TrainConfig, plan: DataPlan, run_name: str):
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker={"CPU": scaling.cpus_per_worker}),
         run_config=RunConfig(
-            name=run_name, storage_path=cfg.run.storage or None,
+            name=run_name, storage_path=resolve_path(cfg.run.storage) if cfg.run.storage else None,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
                                                checkpoint_score_attribute=cfg.metric_key,

@@ -81,12 +81,16 @@ def test_two_workers_with_accumulation_equal_one_worker_with_the_whole_batch(ray
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_early_stopping_stops_at_the_expected_evaluation(ray_cluster, tiny_encoder_dirs, tmp_path):
+def test_early_stopping_stops_at_the_expected_evaluation(ray_cluster, tiny_encoder_dirs, tmp_path, monkeypatch):
     """lr=0 keeps validation AUROC constant: best at step 2, no gain at 4 and 6, patience 2 -> stop at step 6.
-    (Of equal checkpoints the later one counts as best, as Ray ranks them.)"""
+    (Of equal checkpoints the later one counts as best, as Ray ranks them.) Also: a relative run.storage is taken
+    from the driver's working directory (Ray Train itself only accepts absolute paths and URIs)."""
+    monkeypatch.chdir(tmp_path)
     summary, output = train("train_imdb.yaml", tmp_path, "imdb", f"model.encoder={tiny_encoder_dirs['bert']}",
                             "optim.lr=0.0", "batch_size=4", "max_steps=20", "eval_every=2", "log_every=2",
-                            "early_stopping.patience=2", "model.max_length=64")
+                            "early_stopping.patience=2", "model.max_length=64", "run.storage=relative_results",
+                            f"data.train={DATA / 'imdb_200.parquet'}")
+    assert summary["best_checkpoint"].startswith(str(tmp_path / "relative_results"))
     evaluations = [r["step"] for r in history(output) if "val/auroc" in r]
     assert evaluations == [2, 4, 6]
     assert summary["stopped_early"] and summary["last_step"] == 6 and summary["best_step"] == 6
