@@ -5,7 +5,7 @@
 
 Both numbers are computed the same way, outside the training job: Spearman between the cosine of the two
 sentences' embeddings and the gold score over every dev pair (as sentence-transformers' EmbeddingSimilarity
-evaluator does). The run uses configs/train_sts.yaml (CoSENT loss) with one epoch; extra key=value pairs override it.
+evaluator does). The run uses configs/train_sts.yaml (cosine loss) with one epoch; extra key=value pairs override it.
 """
 from __future__ import annotations
 
