@@ -6,7 +6,7 @@ Both loops train all-MiniLM-L6-v2 (classification head) on AG News texts (data/a
 training rows and order, no shuffling), batch 32 at up to 128 tokens, AdamW, 2 torch threads. The bare loop is what
 one would write by hand: read the Parquet with pyarrow, collate with the same collator, forward/backward/step. The
 Ray loop is `jobs.train` on one worker with 2 CPUs (Ray Data shard, per-step bookkeeping, a synced report every 10
-steps, a checkpoint at the end).
+steps, one evaluation and checkpoint at the last step, after the measured window).
 
 Steady state = optimizer steps per second from step 10 to the last report before the final evaluation, both as
 the mean over that window and from its fastest 10-step interval (robust to load from other processes on a shared
@@ -43,7 +43,7 @@ WARMUP_STEPS = 10
 def config(args, name: str) -> TrainConfig:
     return load_train_config(REPO / "configs/train_agnews.yaml", [
         f"model.encoder={args.model}", "model.max_length=128", f"batch_size={args.batch}", f"max_steps={args.steps}",
-        "log_every=10", "eval_every=0", "data.shuffle_buffer=0", "early_stopping.patience=0",
+        "log_every=10", f"eval_every={args.steps}", "data.shuffle_buffer=0", "early_stopping.patience=0",
         "scaling.cpus_per_worker=2", f"run.storage={args.output / 'ray_results'}", f"run.name={name}"])
 
 
