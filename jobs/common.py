@@ -5,10 +5,12 @@ Nothing here parses arguments at import time: Ray workers import the job modules
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import sys
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 import yaml
 
@@ -103,3 +105,15 @@ def init_ray(num_cpus: int | None = None, num_gpus: int | None = None,
     ray.init(num_cpus=num_cpus if local else None, num_gpus=num_gpus if local else None,
              runtime_env={"env_vars": worker_env()}, log_to_driver=True,
              **({"include_dashboard": include_dashboard} if local else {}))
+
+
+def cli_main(prog: str, job: Callable[[], dict[str, Any]], user_errors: tuple[type[BaseException], ...]) -> int:
+    """Run a job from the command line: a user error prints one line naming the problem and exits 2 (no traceback,
+    nothing for the user to fix in our code); success prints the job's summary as JSON."""
+    try:
+        summary = job()
+    except user_errors as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0

@@ -22,7 +22,6 @@ finished id in memory; a directory listing needs none of that and behaves the sa
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -34,7 +33,7 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from typing import Any
 
-from jobs.common import RunConfigError, from_dict, init_ray, load_run_config, merge, parse_overrides, to_dict
+from jobs.common import RunConfigError, cli_main, from_dict, init_ray, load_run_config, merge, parse_overrides, to_dict
 from jobs.embed_config import EmbedConfig, effective_precision
 from jobs.embed_input import EmbedInputError, InputPlan, check_ids, inspect_input, plan_units, resolve
 from jobs.embed_output import EmbedOutputError, OutputDir, check_tiling, missing_ranges
@@ -290,13 +289,7 @@ def load_config(argv: list[str] | None = None) -> EmbedConfig:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        summary = run(load_config(argv))
-    except USER_ERRORS as err:
-        print(f"jobs.embed: error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
-    return 0
+    return cli_main("jobs.embed", lambda: run(load_config(argv)), USER_ERRORS)
 
 
 if __name__ == "__main__":

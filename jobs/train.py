@@ -10,12 +10,11 @@ metrics history (metrics.jsonl), a plot (training_curves.png) and a summary. Rer
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from jobs.common import init_ray, worker_env
+from jobs.common import cli_main, init_ray, worker_env
 from jobs.train_config import TrainConfig, check_metric_name, load_train_config
 from jobs.train_data import DataPlan, build_datasets, check_inputs, resolve_path
 from jobs.train_export import export_run
@@ -74,14 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_train_config(args.config, args.overrides)
-        summary = run(cfg, args.output)
-    except ValueError as err:  # config, data and model errors: say what is wrong, no traceback
-        print(f"jobs.train: error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
-    return 0
+    # config, data and model errors are ValueErrors: say what is wrong, no traceback
+    return cli_main("jobs.train", lambda: run(load_train_config(args.config, args.overrides), args.output),
+                    (ValueError,))
 
 
 if __name__ == "__main__":
