@@ -45,6 +45,11 @@ def source_columns(cfg: TrainConfig) -> dict[str, str]:
     return {c: cfg.data.columns.get(c, c) for c in wanted}
 
 
+def input_columns(cfg: TrainConfig) -> dict[str, str]:
+    """source_columns plus, for distillation, the id column that joins each row to its teacher embedding."""
+    return source_columns(cfg) | ({"id": cfg.data.id_column} if cfg.data.teacher else {})
+
+
 def _open(path: str, what: str) -> pads.Dataset:
     if "://" not in path and not Path(path).exists():
         raise TrainDataError(f"{what} {path} does not exist")
@@ -140,7 +145,7 @@ def _count_validation(cfg: TrainConfig, ds: pads.Dataset) -> int:
 
 def _check_split(cfg: TrainConfig, path: str, what: str, num_labels: int) -> int:
     ds = _open(path, what)
-    needed = source_columns(cfg) | ({"id": cfg.data.id_column} if cfg.data.teacher else {})
+    needed = input_columns(cfg)
     _check_columns(ds, needed, what)
     rows = ds.count_rows()
     if rows == 0:
@@ -228,14 +233,19 @@ def keep_split(batch: pa.Table, column: str, fraction: float, seed: int, validat
     return batch.filter(pa.array(held_out if validation else ~held_out))
 
 
+def teacher_rows(teacher: tuple[np.ndarray, np.ndarray], ids: np.ndarray) -> np.ndarray:
+    """The teacher embeddings of `ids`, from (sorted ids, embeddings) as load_teacher returns them (every id is
+    known to be there: check_teacher ran before training)."""
+    sorted_ids, matrix = teacher
+    return matrix[np.searchsorted(sorted_ids, ids.astype(str))]
+
+
 def attach_teacher(batch: dict[str, np.ndarray], teacher: list) -> dict[str, np.ndarray]:
     """Each row's teacher embedding by id; `teacher` holds object-store refs to (sorted ids, embeddings), read
     zero-copy by every task instead of being pickled into each one."""
     import ray
 
-    ids, matrix = ray.get(teacher)
-    rows = np.searchsorted(ids, batch.pop("id").astype(str))
-    return batch | {"teacher": matrix[rows]}
+    return batch | {"teacher": teacher_rows(ray.get(teacher), batch.pop("id"))}
 
 
 def validation_table(cfg: TrainConfig, columns: dict[str, str], teacher: tuple | None) -> pa.Table:
@@ -246,9 +256,8 @@ def validation_table(cfg: TrainConfig, columns: dict[str, str], teacher: tuple |
     if not cfg.data.val:
         table = keep_split(table, split_key(cfg), cfg.data.val_fraction, cfg.seed, validation=True)
     if teacher is not None:
-        ids, matrix = teacher
-        rows = np.searchsorted(ids, table.column("id").to_numpy(zero_copy_only=False).astype(str))
-        vectors = pa.FixedSizeListArray.from_arrays(pa.array(matrix[rows].ravel()), matrix.shape[1])
+        matrix = teacher_rows(teacher, table.column("id").to_numpy(zero_copy_only=False))
+        vectors = pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel()), matrix.shape[1])
         table = table.drop_columns(["id"]).append_column("teacher", vectors)
     return table
 
@@ -262,7 +271,7 @@ def build_datasets(cfg: TrainConfig) -> dict:
     """
     import ray
 
-    columns = source_columns(cfg) | ({"id": cfg.data.id_column} if cfg.data.teacher else {})
+    columns = input_columns(cfg)
     teacher = load_teacher(cfg) if cfg.data.teacher else None
     train = ray.data.read_parquet(resolve_path(cfg.data.train)).select_columns(sorted(set(columns.values())))
     train = train.map_batches(canonical_columns, fn_kwargs={"columns": columns}, batch_format="pyarrow")
