@@ -12,7 +12,9 @@ import math
 import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -116,15 +118,20 @@ def _glob(source: str, fs: pafs.FileSystem, pattern: str) -> list[str]:
     return sorted(_as_uri(source, pattern, p) for p in matches)
 
 
-def _read_footer(uri: str) -> tuple[InputFile, pa.Schema]:
+@contextmanager
+def open_parquet(uri: str, failure: str) -> Iterator[tuple[pq.ParquetFile, int]]:
+    """(ParquetFile, size in bytes) of `uri`; any I/O or Arrow error becomes EmbedInputError("<failure>: <cause>")."""
     fs, path = resolve(uri)
     try:
-        size = fs.get_file_info(path).size
         with fs.open_input_file(path) as handle:
-            parquet = pq.ParquetFile(handle)
-            return InputFile(uri, parquet.metadata.num_rows, size), parquet.schema_arrow
+            yield pq.ParquetFile(handle), handle.size()
     except (OSError, pa.ArrowException) as err:
-        raise EmbedInputError(f"{uri} is not a readable Parquet file: {err}") from err
+        raise EmbedInputError(f"{failure}: {err}") from err
+
+
+def _read_footer(uri: str) -> tuple[InputFile, pa.Schema]:
+    with open_parquet(uri, f"{uri} is not a readable Parquet file") as (parquet, size):
+        return InputFile(uri, parquet.metadata.num_rows, size), parquet.schema_arrow
 
 
 def _check_columns(uri: str, schema: pa.Schema, text_column: str, columns: list[str]) -> None:
@@ -158,12 +165,8 @@ def inspect_input(source: str, text_column: str, id_column: str, carry_columns: 
 
 
 def _read_ids(uri: str, id_column: str) -> pa.ChunkedArray:
-    fs, path = resolve(uri)
-    try:
-        with fs.open_input_file(path) as handle:
-            return pq.ParquetFile(handle).read(columns=[id_column]).column(0)
-    except (OSError, pa.ArrowException) as err:
-        raise EmbedInputError(f"cannot read column {id_column!r} of {uri}: {err}") from err
+    with open_parquet(uri, f"cannot read column {id_column!r} of {uri}") as (parquet, _):
+        return parquet.read(columns=[id_column]).column(0)
 
 
 def check_ids(plan: InputPlan, id_column: str, allow_duplicates: bool) -> int:
@@ -197,20 +200,15 @@ def plan_units(files: list[InputFile], missing: dict[int, list[tuple[int, int]]]
 
 def read_unit(unit: Unit, columns: list[str]) -> pa.Table:
     """The unit's rows, reading only the row groups that hold them."""
-    fs, path = resolve(unit.uri)
-    try:
-        with fs.open_input_file(path) as handle:
-            parquet = pq.ParquetFile(handle)
-            groups, first_row, offset = [], None, 0
-            for group in range(parquet.metadata.num_row_groups):
-                rows = parquet.metadata.row_group(group).num_rows
-                if offset < unit.stop and offset + rows > unit.start:
-                    groups.append(group)
-                    first_row = offset if first_row is None else first_row
-                offset += rows
-            table = parquet.read_row_groups(groups, columns=columns)
-    except (OSError, pa.ArrowException) as err:
-        raise EmbedInputError(f"cannot read rows {unit.start}-{unit.stop} of {unit.uri}: {err}") from err
+    with open_parquet(unit.uri, f"cannot read rows {unit.start}-{unit.stop} of {unit.uri}") as (parquet, _):
+        groups, first_row, offset = [], None, 0
+        for group in range(parquet.metadata.num_row_groups):
+            rows = parquet.metadata.row_group(group).num_rows
+            if offset < unit.stop and offset + rows > unit.start:
+                groups.append(group)
+                first_row = offset if first_row is None else first_row
+            offset += rows
+        table = parquet.read_row_groups(groups, columns=columns)
     return table.slice(unit.start - (first_row or 0), unit.stop - unit.start)
 
 
